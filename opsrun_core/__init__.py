@@ -1,0 +1,76 @@
+"""opsrun: a durable SQL ledger of background-job runs that makes duplicate work impossible.
+
+The public API (see DESIGN.md): :class:`Ledger`, the enums, the values it returns, the catalog,
+the fingerprint and sanitizer, the hook markers and the errors.
+"""
+
+from __future__ import annotations
+
+from .catalog import RECONCILE_TYPE, OperationCatalog, OperationSpec, fallback_label
+from .clock import ManualClock, system_clock
+from .enums import Disposition, Outcome, RunStatus
+from .errors import (
+    ConfigurationError,
+    DatabaseError,
+    DispatchRejected,
+    FingerprintError,
+    InvalidInput,
+    LeaseLost,
+    OpsrunError,
+    PluginError,
+    RunNotFound,
+)
+from .fingerprint import fingerprint
+from .hookspecs import hookimpl, hookspec
+from .ledger import Ledger
+from .operation import ExecutionResult, JobContext, Operation
+from .plugins import get_plugin_manager
+from .sanitize import sanitize_message
+from .values import (
+    Attempt,
+    ClaimDecision,
+    EnsureResult,
+    FailureEntry,
+    Identity,
+    Run,
+    Summary,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RECONCILE_TYPE",
+    "Attempt",
+    "ClaimDecision",
+    "ConfigurationError",
+    "DatabaseError",
+    "DispatchRejected",
+    "Disposition",
+    "EnsureResult",
+    "ExecutionResult",
+    "FailureEntry",
+    "FingerprintError",
+    "Identity",
+    "InvalidInput",
+    "JobContext",
+    "LeaseLost",
+    "Ledger",
+    "ManualClock",
+    "Operation",
+    "OperationCatalog",
+    "OperationSpec",
+    "OpsrunError",
+    "Outcome",
+    "PluginError",
+    "Run",
+    "RunNotFound",
+    "RunStatus",
+    "Summary",
+    "fallback_label",
+    "fingerprint",
+    "get_plugin_manager",
+    "hookimpl",
+    "hookspec",
+    "sanitize_message",
+    "system_clock",
+]
