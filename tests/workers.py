@@ -75,3 +75,44 @@ def claim_one(index: int, url: str, run_id: int) -> tuple[bool, str]:
         return attempt.acquired, attempt.reason
     finally:
         ledger.engine.dispose()
+
+
+def reconcile_one(index: int, url: str, workspace: str, now_iso: str) -> tuple[bool, int, int]:
+    """Reconcile ``workspace`` with a clock frozen at ``now_iso``; (did_work, run id, processed)."""
+    from datetime import datetime
+
+    from opsrun_core import Ledger, ManualClock
+
+    ledger = Ledger(url, clock=ManualClock(datetime.fromisoformat(now_iso)))
+    try:
+        report = ledger.reconcile_report(workspace)
+        counts = report.run.summary_counts or {}
+        return report.did_work, report.run.id, counts.get("processed", 0)
+    finally:
+        ledger.engine.dispose()
+
+
+def claim_and_hang(url: str, run_id: int, ready: Any) -> None:
+    """Claim the run, say so, then hang until killed (a worker that will crash mid-job)."""
+    import time
+
+    from opsrun_core import Ledger
+
+    ledger = Ledger(url)
+    attempt = ledger.claim(run_id)
+    ready.put(attempt.acquired)
+    while True:
+        time.sleep(1)
+
+
+def start_hanging_worker(url: str, run_id: int) -> Any:
+    """Start :func:`claim_and_hang` in a new process; return it once it holds the claim."""
+    ctx = mp.get_context("forkserver")
+    ready = ctx.Queue()
+    proc = ctx.Process(target=claim_and_hang, args=(url, run_id, ready))
+    proc.start()
+    acquired = ready.get(timeout=RACE_TIMEOUT_S)
+    if not acquired:
+        proc.kill()
+        raise AssertionError("the hanging worker could not claim its run")
+    return proc
