@@ -14,7 +14,6 @@ from opsrun_core import (
     OperationSpec,
     Outcome,
     RunStatus,
-    get_plugin_manager,
     hookimpl,
 )
 from opsrun_core.reconcile import LEASE_EXPIRED, NEVER_STARTED, ReconcileError
