@@ -6,6 +6,9 @@ the fingerprint and sanitizer, the hook markers and the errors.
 
 from __future__ import annotations
 
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 from .catalog import RECONCILE_TYPE, OperationCatalog, OperationSpec, fallback_label
 from .clock import ManualClock, system_clock
 from .enums import Disposition, Outcome, RunStatus
@@ -22,8 +25,6 @@ from .errors import (
 )
 from .fingerprint import fingerprint
 from .hookspecs import hookimpl, hookspec
-from .ledger import Ledger
-from .operation import ExecutionResult, JobContext, Operation
 from .plugins import get_plugin_manager
 from .sanitize import sanitize_message
 from .values import (
@@ -36,7 +37,30 @@ from .values import (
     Summary,
 )
 
+if TYPE_CHECKING:
+    from .ledger import Ledger
+    from .operation import ExecutionResult, JobContext, Operation
+
 __version__ = "0.1.0"
+
+# The ledger pulls in SQLAlchemy and Alembic: load it on first use, so that importing opsrun_core
+# (the pytest plugin does, in every host app's test run) stays cheap.
+_LAZY = {
+    "Ledger": "ledger",
+    "ExecutionResult": "operation",
+    "JobContext": "operation",
+    "Operation": "operation",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'opsrun_core' has no attribute {name!r}")
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "RECONCILE_TYPE",

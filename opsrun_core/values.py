@@ -10,12 +10,13 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal
-
-from sqlalchemy import RowMapping
+from typing import TYPE_CHECKING, Any, Literal
 
 from .enums import Disposition, Outcome, RunStatus
 from .errors import InvalidInput
+
+if TYPE_CHECKING:
+    from sqlalchemy import RowMapping
 
 __all__ = [
     "COUNT_KEYS",
