@@ -110,7 +110,7 @@ def reconcile_workspace(
         failed: Run | None
         try:
             failed = ledger.fail(attempt, exc)
-        except OpsrunError:
+        except Exception:  # even a failing observer must not leak the original error unsanitized
             failed = None
         log.error("reconcile of workspace %s failed: %s", own.workspace_id, message)
         raise ReconcileError(
