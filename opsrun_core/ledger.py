@@ -10,6 +10,7 @@ import logging
 import secrets
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -52,7 +53,7 @@ from .values import (
 if TYPE_CHECKING:
     from .operation import Operation
 
-__all__ = ["Ledger", "scope_id"]
+__all__ = ["Explanation", "Ledger", "scope_id"]
 
 log = logging.getLogger("opsrun")
 
@@ -63,6 +64,18 @@ MAX_DISPATCH_ROUNDS = 20
 #: at most this many failure entries are stored on one run (the rest are counted in a last entry)
 MAX_FAILURE_ENTRIES = 50
 _SUPPORTED = ("postgresql", "sqlite")
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """The state an identity is in and what a dispatch would do with it (``Ledger.explain``)."""
+
+    spec: OperationSpec
+    identity: Identity
+    active: Run | None
+    latest_completed: Run | None
+    decision: ClaimDecision
+    now: datetime
 
 
 def scope_id(value: object, *, name: str, nullable: bool = False) -> str | None:
@@ -328,6 +341,11 @@ class Ledger:
     def _decide(
         self, conn: Connection, spec: OperationSpec, ident: Identity, params: dict[str, Any]
     ) -> ClaimDecision:
+        return self._explain(conn, spec, ident, params).decision
+
+    def _explain(
+        self, conn: Connection, spec: OperationSpec, ident: Identity, params: dict[str, Any]
+    ) -> Explanation:
         rows = (
             conn.execute(
                 self._sql.state, {"type": params["type"], "identity_hash": params["identity_hash"]}
@@ -342,15 +360,30 @@ class Ledger:
                 latest = run
             else:
                 active = run
+        now = self._now(conn)
         decision = self.pm.hook.opsrun_claim(
-            spec=spec, identity=ident, active=active, latest_completed=latest, now=self._now(conn)
+            spec=spec, identity=ident, active=active, latest_completed=latest, now=now
         )
         if not isinstance(decision, ClaimDecision):
             raise PluginError(
                 "no plugin answered opsrun_claim with a ClaimDecision; is the built-in 'dedupe' "
                 "plugin blocked (OPSRUN_DISABLE_PLUGINS)?"
             )
-        return decision
+        return Explanation(spec, ident, active, latest, decision, now)
+
+    def explain(
+        self,
+        type: str,
+        *,
+        workspace_id: object,
+        tenant_id: object | None = None,
+        identity: Mapping[str, Any] | None = None,
+    ) -> Explanation:
+        """What a dispatch of this identity would do right now, without writing anything:
+        the identity, its active and latest completed runs, and the claim policy's decision."""
+        spec, ident, params = self._prepare(type, workspace_id, tenant_id, identity, None, None)
+        with self._connection("explain", None) as conn:
+            return self._explain(conn, spec, ident, params)
 
     # -- execute-time guard ------------------------------------------------------------------------
 
