@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import create_engine, inspect, text
 
 from opsrun_core import (
     RECONCILE_TYPE,
@@ -38,6 +38,7 @@ from opsrun_core import (
     hookimpl,
 )
 from opsrun_core.cli import CliState, cli
+from opsrun_core.invariants import RULES
 
 FETCH = "assignments.fetch"
 SYNC = "directory.sync"
@@ -650,6 +651,109 @@ def test_why_refuses_a_secret_in_the_identity_in_one_line(invoke: Invoke) -> Non
     result = invoke("why", FETCH, "--workspace", "w1", f"access_token={SECRET}")
     line = _one_line_error(result, 2)
     assert "access_token" in line and SECRET not in result.output
+
+
+# --------------------------------------------------------------------------- check
+
+
+def test_group_help_lists_check_and_its_exit_code(runner: CliRunner) -> None:
+    result = runner.invoke(cli, ["--help"])
+    assert result.exit_code == 0
+    assert re.search(r"^\s+check\s+\S", result.output, flags=re.MULTILINE)
+    assert "1 a reconcile failed, `opsrun check` found violations" in " ".join(
+        result.output.split()
+    )
+
+
+def test_check_help_lists_every_rule(runner: CliRunner) -> None:
+    result = runner.invoke(cli, ["check", "--help"], prog_name="opsrun")
+    assert result.exit_code == 0
+    assert result.output.startswith("Usage: opsrun check [OPTIONS]")
+    rules = result.output.split("Rules:", 1)[1]
+    for rule in RULES:
+        assert re.search(rf"^\s+{rule}\s+\S", rules, flags=re.MULTILINE), rule
+
+
+def test_check_a_healthy_ledger_exits_0(
+    invoke: Invoke, history: list[Run], opsrun_ledger: Ledger
+) -> None:
+    _stale(opsrun_ledger, "w3")  # a running run too: every status is there
+    result = invoke("check")
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    assert result.stdout.strip() == "No invariant violations in 4 runs: the ledger is consistent."
+    assert result.stderr == ""
+    as_json = invoke("check", "--json")
+    assert as_json.exit_code == 0
+    assert json.loads(as_json.stdout) == {"runs_checked": 4, "violations": []}
+
+
+def test_check_an_empty_ledger_exits_0(invoke: Invoke) -> None:
+    result = invoke("check")
+    assert result.exit_code == 0
+    assert "No invariant violations in 0 runs" in result.stdout
+
+
+@pytest.mark.parametrize("batch", [[], ["--batch-size", "1"]], ids=["default", "batch-size-1"])
+def test_check_a_broken_ledger_exits_1_naming_each_run_and_rule(
+    invoke: Invoke, history: list[Run], opsrun_ledger: Ledger, batch: list[str]
+) -> None:
+    partial, queued, failed = history
+    with opsrun_ledger.engine.begin() as conn:
+        conn.execute(
+            text("UPDATE operation_runs SET summary_counts = NULL WHERE status = 'completed'")
+        )
+        conn.execute(
+            text(
+                'UPDATE operation_runs SET failure_summary = \'[{"message": "x"}]\' WHERE id = :id'
+            ),
+            {"id": failed.id},
+        )
+    result = invoke("check", *batch)
+    assert result.exit_code == 1, (result.stdout, result.stderr)
+    assert result.stderr == ""
+    out = result.stdout
+    assert out.splitlines()[0].split() == ["run", "rule", "detail"]
+    assert _row(out, partial.id, "summary_counts", "completed without summary_counts"), out
+    assert _row(out, failed.id, "summary_counts", "completed without summary_counts"), out
+    # "[0]" is printed literally, not taken for rich markup
+    assert _row(out, failed.id, "failure_summary", "failure_summary[0].code is missing or empty")
+    assert not re.search(rf"^\s*{queued.id}\s", out, flags=re.MULTILINE)
+    assert "3 invariant violations in 3 runs (failure_summary, summary_counts)" in out
+    as_json = invoke("check", "--json", *batch)
+    assert as_json.exit_code == 1 and as_json.stderr == ""
+    assert json.loads(as_json.stdout) == {
+        "runs_checked": 3,
+        "violations": [
+            {
+                "run_id": partial.id,
+                "rule": "summary_counts",
+                "detail": "completed without summary_counts",
+            },
+            {
+                "run_id": failed.id,
+                "rule": "summary_counts",
+                "detail": "completed without summary_counts",
+            },
+            {
+                "run_id": failed.id,
+                "rule": "failure_summary",
+                "detail": "failure_summary[0].code is missing or empty",
+            },
+        ],
+    }
+
+
+def test_check_without_a_ledger_says_migrate_first(runner: CliRunner, tmp_path: Path) -> None:
+    path = tmp_path / "empty.db"
+    sqlite3.connect(path).close()
+    result = runner.invoke(cli, ["--database-url", f"sqlite:///{path}", "check"])
+    line = _one_line_error(result, 4)
+    assert "has no opsrun ledger yet; run `opsrun migrate` first" in line
+
+
+def test_check_rejects_a_bad_batch_size(invoke: Invoke) -> None:
+    result = invoke("check", "--batch-size", "0")
+    assert result.exit_code == 2 and "--batch-size" in result.stderr
 
 
 # --------------------------------------------------------------------------- reconcile
