@@ -38,8 +38,9 @@ from .values import (
 )
 
 if TYPE_CHECKING:
-    from .ledger import Ledger
+    from .ledger import Explanation, Ledger
     from .operation import ExecutionResult, JobContext, Operation
+    from .reconcile import ReconcileError, ReconcileReport
 
 __version__ = "0.1.0"
 
@@ -47,6 +48,9 @@ __version__ = "0.1.0"
 # (the pytest plugin does, in every host app's test run) stays cheap.
 _LAZY = {
     "Ledger": "ledger",
+    "Explanation": "ledger",
+    "ReconcileError": "reconcile",
+    "ReconcileReport": "reconcile",
     "ExecutionResult": "operation",
     "JobContext": "operation",
     "Operation": "operation",
@@ -72,6 +76,7 @@ __all__ = [
     "Disposition",
     "EnsureResult",
     "ExecutionResult",
+    "Explanation",
     "FailureEntry",
     "FingerprintError",
     "Identity",
@@ -86,6 +91,8 @@ __all__ = [
     "OpsrunError",
     "Outcome",
     "PluginError",
+    "ReconcileError",
+    "ReconcileReport",
     "Run",
     "RunNotFound",
     "RunStatus",

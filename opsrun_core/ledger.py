@@ -655,15 +655,24 @@ class Ledger:
     # -- the job-facing layer ----------------------------------------------------------------------
 
     def operation(
-        self, type: str, *, identity: Sequence[str] = (), **spec_fields: Any
+        self,
+        type: str,
+        *,
+        identity: Sequence[str] = (),
+        retry_on: tuple[type[BaseException], ...] = (Exception,),
+        **spec_fields: Any,
     ) -> Callable[[Callable[..., Any]], Operation]:
-        """Decorate a job function as an operation (registering its spec from ``spec_fields``)."""
+        """Decorate a job function as an operation (registering its spec from ``spec_fields``).
+
+        ``retry_on``: the exceptions worth a retry; any other exception fails the run at once,
+        whatever retries remain.
+        """
         from .operation import Operation
 
         self.catalog.define(type, **spec_fields)
 
         def decorate(fn: Callable[..., Any]) -> Operation:
-            return Operation(self, type, fn, identity=identity)
+            return Operation(self, type, fn, identity=identity, retry_on=retry_on)
 
         return decorate
 

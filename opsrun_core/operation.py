@@ -99,8 +99,19 @@ class Operation:
     """A job function bound to a ledger and an operation type (made by ``Ledger.operation``)."""
 
     def __init__(
-        self, ledger: Ledger, type_: str, fn: Callable[..., Any], *, identity: Sequence[str]
+        self,
+        ledger: Ledger,
+        type_: str,
+        fn: Callable[..., Any],
+        *,
+        identity: Sequence[str],
+        retry_on: tuple[type[BaseException], ...] = (Exception,),
     ) -> None:
+        if not isinstance(retry_on, tuple) or not all(
+            isinstance(t, type) and issubclass(t, BaseException) for t in retry_on
+        ):
+            raise InvalidInput("retry_on takes a tuple of exception classes, e.g. (Throttled,)")
+        self.retry_on = retry_on
         if isinstance(identity, str):
             identity = (identity,)
         fields = tuple(identity)
@@ -164,7 +175,7 @@ class Operation:
         """Claim the run and call the function; then complete, fail or release the run.
 
         A run that cannot be claimed (another worker holds it, or it is completed) is skipped and
-        the function is not called. When the function raises, the run is released for a retry while
+        the function is not called. When the function raises one of ``retry_on``, the run is released while
         ``retries_left > 0``, and failed otherwise; the exception is then raised again so the queue
         sees it (with ``reraise=False`` it is returned in ``ExecutionResult.error`` instead).
         ``LeaseLost`` from inside the job propagates without touching the run.
@@ -218,7 +229,7 @@ class Operation:
             raise
         except Exception as exc:
             status: Literal["failed", "released"]
-            if retries_left > 0:
+            if retries_left > 0 and isinstance(exc, self.retry_on):
                 status, run = "released", self.ledger.release(attempt, exc)
                 log.info("%s run %s released for retry (%s left)", self.type, run.id, retries_left)
             else:

@@ -168,3 +168,16 @@ def test_a_job_that_lost_its_lease_stops_without_writing(
         slow.run_now(workspace_id="w1", n=1)
     [run] = opsrun_ledger.runs(type="slow.job")
     assert run.status is RunStatus.RUNNING and run.attempts == 2
+
+
+def test_an_error_outside_retry_on_fails_at_once(opsrun_ledger: Ledger) -> None:
+    @opsrun_ledger.operation("picky.job", identity=("n",), retry_on=(Throttled,))
+    def picky(ctx, *, workspace_id, tenant_id, n):
+        raise (Throttled("later") if n == 1 else KeyError("permanent"))
+
+    released = picky.run_now(workspace_id="w1", n=1, retries_left=3, reraise=False)
+    failed = picky.run_now(workspace_id="w1", n=2, retries_left=3, reraise=False)
+    assert released.status == "released" and released.run.status is RunStatus.QUEUED
+    assert failed.status == "failed" and failed.run.outcome is Outcome.FAILED
+    with pytest.raises(InvalidInput):
+        opsrun_ledger.operation("x.y", retry_on=[KeyError])(lambda ctx: None)
