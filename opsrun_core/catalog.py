@@ -39,11 +39,17 @@ MIN_LEASE = timedelta(seconds=30)
 _TYPE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,199}$")
 
 
+#: no duration setting may exceed this (now + setting must stay a representable timestamp)
+MAX_SETTING = timedelta(days=366)
+
+
 def _positive(name: str, value: timedelta | None, *, allow_none: bool = True) -> None:
     if value is None and allow_none:
         return
-    if not isinstance(value, timedelta) or value <= timedelta(0):
-        raise InvalidInput(f"OperationSpec.{name} must be a positive timedelta or None")
+    if not isinstance(value, timedelta) or not timedelta(0) < value <= MAX_SETTING:
+        raise InvalidInput(
+            f"OperationSpec.{name} must be a positive timedelta of at most 366 days, or None"
+        )
 
 
 @dataclass(frozen=True)

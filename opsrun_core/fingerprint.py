@@ -258,6 +258,10 @@ def _scope_id(value: object, name: str) -> str:
 
 
 def _check_text(text: str, path: str) -> None:
+    if "\x00" in text:
+        raise FingerprintError(
+            f"{path}: the string holds a NUL character, which Postgres cannot store; remove it"
+        )
     if _SURROGATE.search(text):
         raise FingerprintError(
             f"{path}: the string holds a lone surrogate and cannot be encoded as UTF-8; "

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
+from uuid import UUID
 
 import pluggy
 from sqlalchemy import Connection, Engine, select
@@ -84,9 +85,11 @@ def scope_id(value: object, *, name: str, nullable: bool = False) -> str | None:
         if nullable:
             return None
         raise InvalidInput(f"{name} is required (a non-empty id such as 'w1' or 42)")
-    if isinstance(value, (bool, bytes, bytearray, float)):
+    if isinstance(value, bool) or not isinstance(value, (str, int, UUID)):
         raise InvalidInput(f"{name} must be a string, int or UUID, not {type(value).__name__}")
     text = str(value)
+    if "\x00" in text:
+        raise InvalidInput(f"{name} holds a NUL character, which Postgres cannot store")
     if not text.strip():
         raise InvalidInput(f"{name} must not be empty")
     if len(text) > 255:
@@ -98,6 +101,12 @@ def _run_id(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise InvalidInput(f"a run id is a positive int, got {type(value).__name__} {value!r}")
     return value
+
+
+#: run ids are a 32-bit integer column; a larger id cannot exist (and would overflow the driver)
+MAX_RUN_ID = 2**31 - 1
+#: a lease longer than this is a bug, not a policy (and now + lease must stay representable)
+MAX_LEASE = timedelta(days=366)
 
 
 class Ledger:
@@ -260,8 +269,10 @@ class Ledger:
             raise InvalidInput("identity must be a mapping of identity field to plain value")
         if context is not None and not isinstance(context, Mapping):
             raise InvalidInput("context must be a mapping (non-secret extra data) or None")
-        if initiator is not None and not isinstance(initiator, str):
-            raise InvalidInput("initiator must be a string such as 'user:42' or 'scheduler'")
+        if initiator is not None and (not isinstance(initiator, str) or "\x00" in initiator):
+            raise InvalidInput(
+                "initiator must be a string (without NUL) such as 'user:42' or 'scheduler'"
+            )
         ident = self.pm.hook.opsrun_identity(
             spec=spec, workspace_id=workspace, tenant_id=tenant, inputs=identity
         )
@@ -398,8 +409,12 @@ class Ledger:
             (which costs a read of the run's type first: the job layer passes it).
         """
         run_id = _run_id(run_id)
-        if lease is not None and (not isinstance(lease, timedelta) or lease <= timedelta(0)):
-            raise InvalidInput("lease must be a positive timedelta")
+        if lease is not None and (
+            not isinstance(lease, timedelta) or not timedelta(0) < lease <= MAX_LEASE
+        ):
+            raise InvalidInput("lease must be a positive timedelta of at most 366 days")
+        if run_id > MAX_RUN_ID:
+            return Attempt(run_id=run_id, acquired=False, reason="not_found")
         with self._connection("claim", None) as conn:
             if lease is None:
                 found = conn.execute(self._sql.status_of, {"id": run_id}).first()
@@ -544,6 +559,8 @@ class Ledger:
     def get(self, run_id: int) -> Run:
         """The run with this id. :raises RunNotFound: no such run."""
         run_id = _run_id(run_id)
+        if run_id > MAX_RUN_ID:
+            raise RunNotFound(run_id)
         with self._connection("get", None) as conn:
             row = conn.execute(self._sql.get, {"id": run_id}).mappings().first()
         if row is None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .enums import Disposition, Outcome, RunStatus
 from .errors import InvalidInput
+from .sanitize import sanitize_message
 
 if TYPE_CHECKING:
     from sqlalchemy import RowMapping
@@ -217,4 +218,5 @@ class Attempt:
                 "a failure code must be a non-empty string such as 'directory.throttled'"
             )
         with self._lock:
-            self.failures.append(FailureEntry(code=code, message=str(message)))
+            # sanitize now: it never raises, whatever __str__ of the message does
+            self.failures.append(FailureEntry(code=code, message=sanitize_message(message)))

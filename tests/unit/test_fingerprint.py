@@ -601,7 +601,7 @@ def _must_refuse(value: object) -> bool:
     if isinstance(value, float):
         return not math.isfinite(value)
     if isinstance(value, str):
-        return any(0xD800 <= ord(c) <= 0xDFFF for c in value)
+        return "\x00" in value or any(0xD800 <= ord(c) <= 0xDFFF for c in value)
     if isinstance(value, list):
         return any(_must_refuse(item) for item in value)
     if isinstance(value, dict):
