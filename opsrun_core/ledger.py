@@ -736,7 +736,12 @@ class Ledger:
     def _held(self, attempt: Attempt, what: str) -> tuple[str, timedelta]:
         if not isinstance(attempt, Attempt):
             raise InvalidInput(f"{what}() takes the Attempt returned by claim()")
-        if not attempt.acquired or attempt.token is None or attempt.lease is None:
+        if (
+            not attempt.acquired
+            or attempt.token is None
+            or attempt.lease is None
+            or attempt.run is None
+        ):
             raise LeaseLost(
                 f"{what}() of run {attempt.run_id}: this attempt does not hold the run "
                 f"(claim said {attempt.reason!r}, or it already finished or released it); "
@@ -774,8 +779,9 @@ class Ledger:
             orig = exc.orig if exc.orig is not None else exc
             raise DatabaseError(
                 f"{what} failed in the database ({type(orig).__name__}: "
-                f"{sanitize_message(orig, max_length=200)}); nothing was written by this call, "
-                "retry it, and check the database if it persists"
+                f"{sanitize_message(orig, max_length=200)}); its transaction was rolled back unless "
+                "the connection dropped during the commit itself; retry it (that is safe: a "
+                "dispatch reuses the run, a claim skips it), and check the database if it persists"
             ) from exc
         except SQLAlchemyError as exc:
             raise DatabaseError(

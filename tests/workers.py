@@ -27,7 +27,9 @@ def race(target: Callable[..., Any], n: int, *args: Any) -> list[Any]:
     # forkserver: children fork from a clean server process that imported opsrun once (spawn would
     # re-import SQLAlchemy in every child; fork would copy the test process's connections)
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["opsrun_core", "opsrun_plugins.dedupe", "tests.workers"])
+    ctx.set_forkserver_preload(
+        ["opsrun_core", "opsrun_core.ledger", "opsrun_plugins.dedupe", "tests.workers"]
+    )
     barrier = ctx.Barrier(n)
     queue = ctx.Queue()
     procs = [ctx.Process(target=_entry, args=(target, barrier, queue, i, args)) for i in range(n)]

@@ -47,21 +47,23 @@ def upgrade() -> None:
         sa.Column("updated_at", UTCDateTime(), nullable=False),
         sa.PrimaryKeyConstraint("id", name="pk_operation_runs"),
         sa.CheckConstraint(
-            "status IN ('queued', 'running', 'completed')", name="ck_operation_runs_status"
+            "status IN ('queued', 'running', 'completed')", name=op.f("ck_operation_runs_status")
         ),
         sa.CheckConstraint(
             "outcome IN ('pending', 'succeeded', 'partially_succeeded', 'failed', 'cancelled')",
-            name="ck_operation_runs_outcome",
+            name=op.f("ck_operation_runs_outcome"),
         ),
         sa.CheckConstraint(
             "(status = 'completed') = (outcome <> 'pending')",
-            name="ck_operation_runs_outcome_matches_status",
+            name=op.f("ck_operation_runs_outcome_matches_status"),
         ),
-        sa.CheckConstraint("attempts >= 0", name="ck_operation_runs_attempts_non_negative"),
+        sa.CheckConstraint("attempts >= 0", name=op.f("ck_operation_runs_attempts_non_negative")),
         sa.CheckConstraint(
-            "length(identity_hash) = 64", name="ck_operation_runs_identity_hash_length"
+            "length(identity_hash) = 64", name=op.f("ck_operation_runs_identity_hash_length")
         ),
-        sa.CheckConstraint("workspace_id <> ''", name="ck_operation_runs_workspace_id_not_empty"),
+        sa.CheckConstraint(
+            "workspace_id <> ''", name=op.f("ck_operation_runs_workspace_id_not_empty")
+        ),
     )
     op.create_index(
         "uq_operation_runs_active_identity",
