@@ -40,7 +40,7 @@ _TYPE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,199}$")
 
 
 #: no duration setting may exceed this (now + setting must stay a representable timestamp)
-MAX_SETTING = timedelta(days=366)
+MAX_SETTING = timedelta(days=36500)
 
 
 def _positive(name: str, value: timedelta | None, *, allow_none: bool = True) -> None:
@@ -48,7 +48,7 @@ def _positive(name: str, value: timedelta | None, *, allow_none: bool = True) ->
         return
     if not isinstance(value, timedelta) or not timedelta(0) < value <= MAX_SETTING:
         raise InvalidInput(
-            f"OperationSpec.{name} must be a positive timedelta of at most 366 days, or None"
+            f"OperationSpec.{name} must be a positive timedelta of at most 100 years, or None"
         )
 
 

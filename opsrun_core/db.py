@@ -6,11 +6,12 @@ setting to fix, never a stack trace from deep inside the driver. Passwords never
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DisconnectionError, NoSuchModuleError, SQLAlchemyError
 
 from .errors import ConfigurationError
 
@@ -49,8 +50,9 @@ def make_engine(url: str | URL, *, setting: str = "the database URL", **kwargs: 
             engine = create_engine(parsed, **kwargs)
             _configure_sqlite(engine)
         else:
-            kwargs.setdefault("pool_pre_ping", True)
             engine = create_engine(parsed, **kwargs)
+            if not kwargs.get("pool_pre_ping"):
+                _ping_when_idle(engine)
     except (NoSuchModuleError, ImportError) as exc:
         raise ConfigurationError(
             f"{setting} names a database driver that is not installed ({parsed.drivername!r}); "
@@ -74,6 +76,35 @@ def check_connection(engine: Engine, *, setting: str = "the database URL") -> No
             f"cannot connect to {safe_url(engine.url)} ({reason}); check {setting}, and that the "
             "server is running and accepts this user"
         ) from exc
+
+
+#: a pooled connection idle longer than this is pinged before use
+PING_AFTER_IDLE_S = 10.0
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Ping a pooled connection only when it sat idle (pre-ping would cost a round trip per call).
+
+    A busy worker's connection is known good; one that sat idle may have been cut (server
+    restart, idle timeout). A failed ping raises DisconnectionError, on which the pool replaces the
+    connection. A connection cut while busy fails its statement once (a DatabaseError) and is
+    discarded by SQLAlchemy, so the next call reconnects.
+    """
+
+    @event.listens_for(engine, "checkin")
+    def _checkin(_dbapi_connection: Any, record: Any) -> None:
+        record.info["opsrun_idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get("opsrun_idle_since")
+        if since is not None and time.monotonic() - since > PING_AFTER_IDLE_S:
+            try:
+                alive = engine.dialect.do_ping(dbapi_connection)
+            except Exception as exc:
+                raise DisconnectionError("idle connection failed its ping") from exc
+            if not alive:
+                raise DisconnectionError("idle connection failed its ping")
 
 
 def _configure_sqlite(engine: Engine) -> None:

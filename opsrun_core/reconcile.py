@@ -138,7 +138,7 @@ def _sweep(
     )
     after = 0
     while True:
-        with ledger._connection("reconcile", None) as conn:
+        with ledger._connection("reconcile", None, transaction=True) as conn:
             now = ledger._now(conn)
             params: dict[str, Any] = {
                 "workspace_id": own.workspace_id,

@@ -6,6 +6,7 @@ from any session, so they are safe to pass between threads and to pickle.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ __all__ = [
     "Summary",
     "validate_counts",
 ]
+
+_HASH_RE = re.compile(r"[0-9a-f]{64}")
 
 #: the keys every completed run's ``summary_counts`` holds
 COUNT_KEYS = ("total", "processed", "failed")
@@ -108,11 +111,7 @@ class Identity:
     inputs: dict[str, Any]
 
     def __post_init__(self) -> None:
-        if (
-            not isinstance(self.hash, str)
-            or len(self.hash) != 64
-            or any(c not in "0123456789abcdef" for c in self.hash)
-        ):
+        if not isinstance(self.hash, str) or not _HASH_RE.fullmatch(self.hash):
             raise InvalidInput("an Identity hash must be 64 lowercase hex characters")
 
 

@@ -563,10 +563,10 @@ def test_a_lease_too_long_to_represent_is_refused(populated: Populated) -> None:
     """now + lease used to overflow (OverflowError, or a DatabaseError with the server clock)."""
     ledger = populated.ledger
     _each(
-        [timedelta.max, timedelta(days=10**8), timedelta(days=367)],
+        [timedelta.max, timedelta(days=10**8), timedelta(days=36501)],
         lambda lease: _refused(lambda: ledger.claim(populated.queued, lease=lease), names="lease"),
     )
-    populated.ledger.release(ledger.claim(populated.queued, lease=timedelta(days=366)))
+    populated.ledger.release(ledger.claim(populated.queued, lease=timedelta(days=36500)))
     populated.before = _snapshot(ledger.engine)  # claimed and released: attempts went up by one
 
 
