@@ -19,6 +19,9 @@ from sqlalchemy import Engine, make_url, text
 import opsrun_core.pytest_plugin as opsrun_plugin
 from opsrun_core.db import make_engine
 
+#: every test here starts a pytest subprocess (seconds each): tox runs them on one interpreter
+pytestmark = pytest.mark.slow
+
 #: where this process imported opsrun from, so the host subprocess imports the same code
 CODE_ROOT = Path(opsrun_plugin.__file__).resolve().parents[1]
 SETTING = "--opsrun-database-url / ini opsrun_database_url / env OPSRUN_TEST_DATABASE_URL"

@@ -7,7 +7,7 @@ import pytest
 from opsrun_core import Ledger
 from tests.workers import claim_one, dispatch_one, race
 
-pytestmark = [pytest.mark.opsrun_backends("postgres"), pytest.mark.slow]
+pytestmark = pytest.mark.opsrun_backends("postgres")
 
 N = 8
 
