@@ -10,7 +10,9 @@ Modules: :mod:`~reference_app.models` (tables), :mod:`~reference_app.schema` (cr
 (``assignment_job_fingerprint``), :mod:`~reference_app.plugin` (the app's opsrun plugin),
 :mod:`~reference_app.jobs` (the jobs), :mod:`~reference_app.app` (wiring),
 :mod:`~reference_app.worker` (a thread pool of workers), :mod:`~reference_app.seed`,
-:mod:`~reference_app.demo`, :mod:`~reference_app.console` and :mod:`~reference_app.cli`.
+:mod:`~reference_app.demo`, :mod:`~reference_app.console` and :mod:`~reference_app.cli`; on Celery,
+:mod:`~reference_app.celery_app` (the tasks, the beat schedule) and
+:mod:`~reference_app.celery_demo` (``demo --celery``), imported only when used.
 """
 
 from __future__ import annotations

@@ -27,12 +27,26 @@ from .models import Policy, Tenant
 from .plugin import ReferenceAppPlugin
 from .schema import DATABASE_SETTING
 
-__all__ = ["DATABASE_URL_ENV", "DEFAULT_DATABASE_URL", "ReferenceApp", "database_url"]
+__all__ = [
+    "BROKER_URL_ENV",
+    "DATABASE_URL_ENV",
+    "DEFAULT_BROKER_URL",
+    "DEFAULT_DATABASE_URL",
+    "DEFAULT_QUEUE",
+    "ReferenceApp",
+    "database_url",
+]
 
 #: the environment variable naming the database (shared with the ``opsrun`` command)
 DATABASE_URL_ENV = "OPSRUN_DATABASE_URL"
 #: an SQLite file in the current directory
 DEFAULT_DATABASE_URL = "sqlite:///reference_app.db"
+#: the environment variable naming the Celery broker (:mod:`reference_app.celery_app`)
+BROKER_URL_ENV = "OPSRUN_BROKER_URL"
+#: Redis on this machine
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+#: the Celery queue the tasks go to, and the workers consume, unless told otherwise
+DEFAULT_QUEUE = "reference_app"
 
 
 def database_url(explicit: str | None = None) -> str:

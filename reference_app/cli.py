@@ -1,4 +1,4 @@
-"""The app's command line: ``python -m reference_app seed|demo|dispatch|work|reconcile``.
+"""The app's command line: ``python -m reference_app seed|demo|dispatch|work|reconcile|worker``.
 
 It shares the look of the ``opsrun`` command: the database is ``--database-url`` (given before or
 after the command), else ``$OPSRUN_DATABASE_URL``, else an SQLite file ``reference_app.db`` in the
@@ -31,16 +31,24 @@ from opsrun_core import (
     RunNotFound,
     sanitize_message,
 )
-from opsrun_core.db import safe_url
+from opsrun_core.db import check_connection, safe_url
 from opsrun_core.reconcile import ReconcileReport
 
-from .app import DATABASE_URL_ENV, DEFAULT_DATABASE_URL, ReferenceApp
+from .app import (
+    BROKER_URL_ENV,
+    DATABASE_URL_ENV,
+    DEFAULT_BROKER_URL,
+    DEFAULT_DATABASE_URL,
+    DEFAULT_QUEUE,
+    ReferenceApp,
+)
 from .console import make_console, make_progress, mapping_table, runs_table
-from .demo import DEFAULT_LATENCY, DemoReport, run_demo
+from .demo import DEFAULT_LATENCY, DemoReport, demo_directory, inject_faults, load_world, run_demo
 from .directory import FakeDirectory
 from .identity import ASSIGNMENT_TYPES
 from .jobs import AssignmentJobError, JobMessage
 from .models import AssignmentBackup, Policy, Tenant, Workspace
+from .schema import DATABASE_SETTING
 from .seed import DEFAULT_WORKSPACE_SLUG, seed
 from .worker import DEFAULT_RETRIES, work
 
@@ -145,10 +153,30 @@ def database_option(fn: F) -> F:
     )(fn)
 
 
+def broker_option(fn: F) -> F:
+    """``--broker-url``: the Celery broker (else ``$OPSRUN_BROKER_URL``, else local Redis)."""
+    return click.option(
+        "--broker-url",
+        metavar="URL",
+        envvar=BROKER_URL_ENV,
+        help=f"Celery broker URL (else ${BROKER_URL_ENV}, else {DEFAULT_BROKER_URL}).",
+    )(fn)
+
+
 @contextmanager
 def _app(database_url: str, **kwargs: Any) -> Iterator[ReferenceApp]:
     with ReferenceApp(database_url, **kwargs) as app:
         yield app
+
+
+def _require_celery(command: str) -> None:
+    """A clear error (exit code 4) when Celery is not installed."""
+    try:
+        import celery  # type: ignore[import-untyped]  # noqa: F401
+    except ImportError:
+        raise _ConfigFailure(
+            f"{command} needs Celery and its Redis client: pip install 'opsrun[celery]'"
+        ) from None
 
 
 def _require_seeded(app: ReferenceApp) -> int:
@@ -187,7 +215,8 @@ def cli(ctx: click.Context, database_url: str, verbose: int) -> None:
 
     Start with `demo`: it seeds a fresh database, runs fetch and restore jobs on worker threads
     with duplicates, throttling, partial failures and a crashed worker, reconciles, and prints the
-    ledger.
+    ledger. `demo --celery` runs the jobs on Celery worker processes instead (Redis at
+    OPSRUN_BROKER_URL); `worker` starts one.
 
     \b
     Exit codes:
@@ -196,7 +225,8 @@ def cli(ctx: click.Context, database_url: str, verbose: int) -> None:
       2  usage error
       3  not found: no policy or backup with that id
       4  database or configuration error: invalid or unreachable
-         --database-url / OPSRUN_DATABASE_URL, or not seeded yet
+         --database-url / OPSRUN_DATABASE_URL, not seeded yet, or no
+         broker answers at --broker-url / OPSRUN_BROKER_URL
 
     Errors are one line on stderr: "reference_app: error: ...".
     """
@@ -262,7 +292,15 @@ def seed_command(database_url: str, fresh: bool) -> None:
 @database_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary and runs as JSON.")
 @click.option(
-    "--workers", default=4, show_default=True, type=click.IntRange(1, 32), help="Worker threads."
+    "--celery",
+    is_flag=True,
+    help="Run the jobs on Celery worker processes on the broker (--broker-url) instead of "
+    "threads. Postgres is recommended; an SQLite file works for the demo.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 32),
+    help="Worker threads [default: 4]; with --celery, worker processes [default: 2].",
 )
 @click.option(
     "--latency",
@@ -271,14 +309,43 @@ def seed_command(database_url: str, fresh: bool) -> None:
     type=click.FloatRange(0, 1),
     help="Seconds each directory call takes.",
 )
-def demo_command(database_url: str, as_json: bool, workers: int, latency: float) -> None:
+@broker_option
+@click.option(
+    "--timeout",
+    type=click.FloatRange(1, 3600),
+    help="With --celery: seconds to wait for the workers to complete every run [default: 120].",
+)
+def demo_command(
+    database_url: str,
+    as_json: bool,
+    celery: bool,
+    workers: int | None,
+    latency: float,
+    broker_url: str | None,
+    timeout: float | None,
+) -> None:
     """Run the demo on a fresh database.
 
     Every table of the database is dropped and recreated, then the demo dispatches and works
-    fetch and restore jobs and prints the ledger and a summary.
+    fetch and restore jobs and prints the ledger and a summary. With --celery the jobs go through
+    the broker to Celery worker processes (`python -m reference_app worker`) that the demo starts
+    and stops; a broker that does not answer is exit code 4, before the database is touched.
     """
     console = make_console(stderr=as_json)
-    report = run_demo(database_url, console=console, workers=workers, latency=latency)
+    if celery:
+        _require_celery("demo --celery")
+        from .celery_demo import DEFAULT_TIMEOUT, DEFAULT_WORKERS, run_celery_demo
+
+        report = run_celery_demo(
+            database_url,
+            console=console,
+            broker=broker_url,
+            workers=workers or DEFAULT_WORKERS,
+            latency=latency,
+            timeout=timeout or DEFAULT_TIMEOUT,
+        )
+    else:
+        report = run_demo(database_url, console=console, workers=workers or 4, latency=latency)
     if as_json:
         click.echo(json.dumps(_demo_json(report), indent=2))
         return
@@ -354,6 +421,22 @@ def _summary_table(summary: dict[str, Any]) -> Any:
             f"{items['total']}/{items['processed']}/{items['failed']}",
         ),
     ]
+    celery = summary.get("celery")
+    if celery:
+        waiting = celery["messages_waiting_before_workers"]
+        rows += [
+            (
+                "messages sent to the broker",
+                f"{celery['messages_sent']} for {celery['clicks']} clicks"
+                + ("" if waiting is None else f" ({waiting} waiting before the workers started)"),
+            ),
+            (
+                "Celery workers",
+                f"{celery['workers']} on queue {celery['queue']}: "
+                + _pairs(celery["deliveries_by_worker"])
+                + " deliveries",
+            ),
+        ]
     return mapping_table("Summary", rows)
 
 
@@ -531,6 +614,123 @@ def _reconcile_line(report: ReconcileReport) -> str:
         f"{counts.get('total', 0)} stale, {counts.get('processed', 0)} processed, "
         f"{counts.get('failed', 0)} failed"
     )
+
+
+@cli.command("worker")
+@database_option
+@broker_option
+@click.option(
+    "--concurrency",
+    "-c",
+    type=click.IntRange(1, 64),
+    help="Pool processes (prefork) [default: the number of CPUs].",
+)
+@click.option(
+    "--queue",
+    "-Q",
+    default=DEFAULT_QUEUE,
+    show_default=True,
+    help="The queue to consume (the tasks and the reconcile go to it).",
+)
+@click.option(
+    "--hostname",
+    "-n",
+    help="The worker's node name [default: celery@HOST]; two workers on one host need two.",
+)
+@click.option(
+    "--loglevel",
+    "-l",
+    default="INFO",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+)
+@click.option(
+    "--beat",
+    "-B",
+    is_flag=True,
+    help="Also run Celery beat in this worker, sending the reconcile every 5 minutes "
+    "(development; in production run one `celery -A reference_app.celery_app beat`).",
+)
+@click.option(
+    "--retry-countdown",
+    type=click.FloatRange(0, 300),
+    help="Seconds before retrying a throttled job [default: 10, 20, 40 s].",
+)
+@click.option(
+    "--directory",
+    "directory_kind",
+    default="fake",
+    show_default=True,
+    type=click.Choice(["fake", "demo"]),
+    help="The fake directory, as is or with the demo's throttling and failures.",
+)
+@click.option(
+    "--latency",
+    default=DEFAULT_LATENCY,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Seconds each directory call takes.",
+)
+@click.option("--delivery-log", type=click.Path(dir_okay=False), hidden=True)
+@click.option("--exit-with-parent", is_flag=True, hidden=True)
+def worker_command(
+    database_url: str,
+    broker_url: str | None,
+    concurrency: int | None,
+    queue: str,
+    hostname: str | None,
+    loglevel: str,
+    beat: bool,
+    retry_countdown: float | None,
+    directory_kind: str,
+    latency: float,
+    delivery_log: str | None,
+    exit_with_parent: bool,
+) -> None:
+    """Start a Celery worker (prefork) on the broker, against the database.
+
+    It executes the fetch and restore jobs dispatched through the Celery tasks of
+    reference_app.celery_app (`demo --celery` does) and the reconcile Celery beat sends. Stop it
+    with Ctrl-C or SIGTERM: a warm shutdown, running jobs finish first. The broker and the
+    database are checked first: either unreachable is exit code 4.
+    """
+    _require_celery("worker")
+    from .celery_app import build as build_celery_app
+    from .celery_app import check_broker
+    from .celery_demo import exit_with_parent as watch_parent
+    from .celery_demo import record_deliveries
+
+    directory = demo_directory(latency=latency)
+    capp = build_celery_app(
+        database_url,
+        broker=broker_url,
+        queue=queue,
+        directory=directory,
+        retry_countdown=retry_countdown,
+    )
+    check_connection(capp.app.engine, setting=DATABASE_SETTING)
+    check_broker(capp.celery)
+    if directory_kind == "demo":
+        inject_faults(directory, load_world(capp.app))
+    if delivery_log:
+        record_deliveries(capp, delivery_log)
+    if exit_with_parent:
+        watch_parent()
+    argv = [
+        "worker",
+        "--pool=prefork",
+        f"--loglevel={loglevel.upper()}",
+        f"--queues={queue}",
+        "--without-gossip",  # no cluster events to share, no clock sync at startup to wait for
+        "--without-mingle",
+    ]
+    if concurrency:
+        argv.append(f"--concurrency={concurrency}")
+    if hostname:
+        argv.append(f"--hostname={hostname}")
+    if beat:
+        argv.append("--beat")
+    capp.celery.worker_main(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

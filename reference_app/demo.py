@@ -43,12 +43,22 @@ from .app import ReferenceApp
 from .console import failure_codes, make_progress
 from .directory import FakeDirectory
 from .identity import ASSIGNMENT_TYPES, FETCH_TYPE
-from .jobs import JobMessage
-from .models import AssignmentBackup, Policy, Tenant
-from .seed import seed
+from .jobs import AssignmentJobError, JobMessage
+from .models import AssignmentBackup, Policy, Tenant, Workspace
+from .seed import DEFAULT_WORKSPACE_SLUG, seed
 from .worker import Delivery, deliver, work
 
-__all__ = ["DemoRecord", "DemoReport", "ShiftedClock", "run_demo"]
+__all__ = [
+    "DIRECTORY_SEED",
+    "DemoRecord",
+    "DemoReport",
+    "DemoWorld",
+    "ShiftedClock",
+    "demo_directory",
+    "inject_faults",
+    "load_world",
+    "run_demo",
+]
 
 #: seconds each directory call takes in the demo
 DEFAULT_LATENCY = 0.003
@@ -170,7 +180,9 @@ class DemoReport:
 
 
 @dataclass(frozen=True)
-class _World:
+class DemoWorld:
+    """The seeded workspace as the demo sees it: tenants by slug, policies by (slug, platform)."""
+
     workspace_id: int
     tenants: dict[str, Tenant]
     policies: dict[tuple[str, str], Policy]
@@ -180,8 +192,17 @@ class _World:
         return self.policies[(tenant, platform)]
 
 
-def _load_world(app: ReferenceApp, workspace_id: int) -> _World:
+def load_world(app: ReferenceApp, workspace_id: int | None = None) -> DemoWorld:
+    """Read the seeded world (``workspace_id``: default, the default workspace)."""
     with app.sessions() as session:
+        if workspace_id is None:
+            workspace_id = session.scalar(
+                select(Workspace.id).where(Workspace.slug == DEFAULT_WORKSPACE_SLUG)
+            )
+            if workspace_id is None:
+                raise AssignmentJobError(
+                    "the database has no default workspace; run `python -m reference_app seed`"
+                )
         tenants = {t.slug: t for t in session.scalars(select(Tenant).order_by(Tenant.id))}
         slugs = {t.id: t.slug for t in tenants.values()}
         policies = {
@@ -189,7 +210,36 @@ def _load_world(app: ReferenceApp, workspace_id: int) -> _World:
             for p in session.scalars(select(Policy).order_by(Policy.id))
         }
         backups = {b.policy_id: b for b in session.scalars(select(AssignmentBackup))}
-    return _World(workspace_id, tenants, policies, backups)
+    return DemoWorld(workspace_id, tenants, policies, backups)
+
+
+def demo_directory(*, latency: float = DEFAULT_LATENCY) -> FakeDirectory:
+    """The demo's fake directory: the same data in every process (a fixed seed), no faults yet."""
+    return FakeDirectory(seed=DIRECTORY_SEED, latency=latency)
+
+
+def inject_faults(directory: FakeDirectory, world: DemoWorld) -> None:
+    """The directory's bad day: throttling (once on contoso's iOS reads, for good on fabrikam's
+    Windows restores), two unreadable fabrikam iOS assignments, and a deleted group in northwind's
+    Windows backup.
+
+    The state lives in the directory object, so each process has its own: a worker process (each
+    prefork child) throttles contoso's iOS reads once for itself.
+    """
+    directory.throttle(
+        world.policy("contoso", "ios").external_id, times=1, after=2, operation="read_assignment"
+    )
+    directory.throttle(
+        world.policy("fabrikam", "windows").external_id, times=None, operation="apply_assignment"
+    )
+    directory.corrupt(world.policy("fabrikam", "ios").external_id, 2)
+    northwind_windows = world.policy("northwind", "windows")
+    gone = next(
+        item["target_id"]
+        for item in world.backups[northwind_windows.id].items
+        if item["target_id"] is not None
+    )
+    directory.delete_group(gone)
 
 
 def run_demo(
@@ -201,7 +251,7 @@ def run_demo(
 ) -> DemoReport:
     """Play the demo on ``database`` (dropping and recreating its tables); print the story."""
     clock = ShiftedClock()
-    directory = FakeDirectory(seed=DIRECTORY_SEED, latency=latency)
+    directory = demo_directory(latency=latency)
     record = DemoRecord()
     step = iter(range(1, 100))
 
@@ -216,25 +266,13 @@ def run_demo(
             f"seeded a fresh database: 1 workspace, {seeded.tenants} tenants (1 platform), "
             f"{seeded.policies} policies, {seeded.backups} backups"
         )
-        world = _load_world(app, seeded.workspace_id)
+        world = load_world(app, seeded.workspace_id)
         ws = world.workspace_id
 
         # the directory's bad day, injected up front
+        inject_faults(directory, world)
         contoso_windows = world.policy("contoso", "windows")
-        contoso_ios = world.policy("contoso", "ios")
-        fabrikam_windows = world.policy("fabrikam", "windows")
-        fabrikam_ios = world.policy("fabrikam", "ios")
-        northwind_windows = world.policy("northwind", "windows")
         crash_victim = world.policy("northwind", "android")
-        directory.throttle(contoso_ios.external_id, times=1, after=2, operation="read_assignment")
-        directory.throttle(fabrikam_windows.external_id, times=None, operation="apply_assignment")
-        directory.corrupt(fabrikam_ios.external_id, 2)
-        gone = next(
-            item["target_id"]
-            for item in world.backups[northwind_windows.id].items
-            if item["target_id"] is not None
-        )
-        directory.delete_group(gone)
 
         names = {t.id: t.name for t in world.tenants.values()}
 
