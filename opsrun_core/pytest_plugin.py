@@ -749,10 +749,19 @@ def _migrate(engine: Engine) -> None:
 def _drop_database(server: Engine, name: str) -> None:
     from sqlalchemy.exc import SQLAlchemyError
 
-    try:
+    def drop() -> None:
         with server.connect() as connection:
             # WITH (FORCE) (Postgres 13+) ends connections that tests leaked
             connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    try:
+        try:
+            drop()
+        except SQLAlchemyError:
+            # a pooled connection may have died with the server (a test restarted it): once more
+            # on a fresh connection
+            server.dispose()
+            drop()
     except SQLAlchemyError as exc:
         _fail(
             f"opsrun: could not drop the throwaway database {name} "
