@@ -37,7 +37,13 @@ from .errors import (
 )
 from .models import OperationRun
 from .plugins import get_plugin_manager
-from .reconcile import DEFAULT_BATCH_SIZE, DEFAULT_GRACE, ReconcileReport, reconcile_workspace
+from .reconcile import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_GRACE,
+    ReconcileError,
+    ReconcileReport,
+    reconcile_workspace,
+)
 from .sanitize import sanitize_message
 from .sql import RUN_COLUMNS, Statements
 from .values import (
@@ -275,9 +281,14 @@ class Ledger:
             raise InvalidInput("identity must be a mapping of identity field to plain value")
         if context is not None and not isinstance(context, Mapping):
             raise InvalidInput("context must be a mapping (non-secret extra data) or None")
-        if initiator is not None and (not isinstance(initiator, str) or "\x00" in initiator):
+        if initiator is not None and (
+            not isinstance(initiator, str)
+            or not 0 < len(initiator) <= 200
+            or sanitize_message(initiator, max_length=200) != initiator
+        ):
             raise InvalidInput(
-                "initiator must be a string (without NUL) such as 'user:42' or 'scheduler'"
+                "initiator must be a short plain string such as 'user:42' or 'scheduler' "
+                "(no control characters, nothing that looks like a credential)"
             )
         ident = self.pm.hook.opsrun_identity(
             spec=spec, workspace_id=workspace, tenant_id=tenant, inputs=identity
@@ -523,14 +534,26 @@ class Ledger:
         run = attempt.run
         spec = self.catalog.spec(run.type)
         failures = list(attempt.failures)
+        fallback = FailureEntry(f"{run.type}.failed", type(error).__name__)
         if error is not None:
-            entries = self.pm.hook.opsrun_fail(spec=spec, run=run, error=error)
-            if not entries:
-                entries = [FailureEntry(f"{run.type}.failed", type(error).__name__)]
-            failures.extend(_entries(entries, "opsrun_fail"))
-        summary = self.pm.hook.opsrun_summarize(
-            spec=spec, run=run, counts=counts, failures=failures, error=error
-        )
+            try:
+                entries = _entries(
+                    self.pm.hook.opsrun_fail(spec=spec, run=run, error=error) or [fallback],
+                    "opsrun_fail",
+                )
+            except Exception as exc:  # a broken plugin must not keep a failure from being recorded
+                log.error("opsrun_fail raised %s; recording the default code", type(exc).__name__)
+                entries = [fallback]
+            failures.extend(entries)
+        try:
+            summary = self.pm.hook.opsrun_summarize(
+                spec=spec, run=run, counts=counts, failures=failures, error=error
+            )
+        except Exception as exc:
+            if error is None:
+                raise  # bad counts on completion are the caller's to fix (the run stays claimed)
+            log.error("opsrun_summarize raised %s; recording zero counts", type(exc).__name__)
+            summary = Summary({"total": 0, "processed": 0, "failed": 0}, Outcome.FAILED)
         if not isinstance(summary, Summary):
             raise PluginError(
                 "no plugin answered opsrun_summarize with a Summary; is the built-in 'tracking' "
@@ -664,12 +687,22 @@ class Ledger:
         initiator: str | None = None,
         on_workspace: Callable[[ReconcileReport], None] | None = None,
     ) -> list[Run]:
-        """Reconcile every workspace that has active runs, one tracked run each."""
+        """Reconcile every workspace that has active runs, one tracked run each.
+
+        A workspace whose reconcile fails does not stop the others: its failure is logged
+        (sanitized) and its failed reconcile run is among the runs returned.
+        """
         runs = []
         for workspace in self.active_workspaces():
-            report = self.reconcile_report(
-                workspace, grace=grace, batch_size=batch_size, initiator=initiator
-            )
+            try:
+                report = self.reconcile_report(
+                    workspace, grace=grace, batch_size=batch_size, initiator=initiator
+                )
+            except ReconcileError as exc:
+                log.error("%s", exc)  # ReconcileError's message is sanitized
+                if exc.run is not None:
+                    runs.append(exc.run)
+                continue
             if on_workspace is not None:
                 on_workspace(report)
             runs.append(report.run)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from .catalog import OperationSpec
-from .errors import InvalidInput, LeaseLost
+from .errors import InvalidInput, LeaseLost, PluginError
 from .sanitize import sanitize_message
 from .values import Attempt, EnsureResult, Run
 
@@ -205,7 +205,11 @@ class Operation:
             context=context,
             initiator=initiator,
         )
-        call = {"workspace_id": workspace_id, "tenant_id": tenant_id, **kwargs}
+        # the scope reaches the function as the caller gave it (a workspace job has no tenant_id)
+        scope = {"workspace_id": workspace_id}
+        if tenant_id is not None:
+            scope["tenant_id"] = tenant_id
+        call = {**scope, **kwargs}
         return self._run(attempt, retries_left, reraise, call, dispatch=result)
 
     def _run(
@@ -245,5 +249,12 @@ class Operation:
             if attempt.token is not None:
                 self.ledger.release(attempt)
             raise
-        run = self.ledger.complete(attempt)
+        try:
+            run = self.ledger.complete(attempt)
+        except (InvalidInput, PluginError) as exc:
+            # counts the job left inconsistent: record that as the failure, not a stuck run
+            run = self.ledger.fail(attempt, exc)
+            if reraise:
+                raise
+            return ExecutionResult("failed", run, attempt, dispatch=dispatch, error=exc)
         return ExecutionResult("completed", run, attempt, value=value, dispatch=dispatch)

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from .catalog import RECONCILE_TYPE
+from .catalog import DEFAULT_QUEUED_LIMIT, RECONCILE_TYPE
 from .enums import RunStatus
 from .errors import InvalidInput, OpsrunError
 from .sanitize import sanitize_message
-from .values import Run
+from .values import Attempt, Run
 
 if TYPE_CHECKING:
     from .ledger import Ledger
@@ -113,9 +113,14 @@ def reconcile_workspace(
         except Exception:  # even a failing observer must not leak the original error unsanitized
             failed = None
         log.error("reconcile of workspace %s failed: %s", own.workspace_id, message)
+        recorded = (
+            "is recorded as failed"
+            if failed is not None
+            else "could not be recorded as failed (a later reconcile takes it over)"
+        )
         raise ReconcileError(
             f"reconcile of workspace {own.workspace_id!r} failed ({message}); its run "
-            f"{own.id} is recorded as failed",
+            f"{own.id} {recorded}",
             failed,
         ) from None
     attempt.set_counts(**counts)
@@ -127,15 +132,20 @@ def _sweep(
     own: Run,
     grace: timedelta,
     batch_size: int,
-    attempt: Any,
+    attempt: Attempt,
     on_batch: Callable[[int], None] | None,
 ) -> dict[str, int]:
+    """Each batch in three short steps, so no transaction waits on a plugin or a queue:
+
+    1. read up to ``batch_size`` candidates (a short transaction; SKIP LOCKED on Postgres passes
+       over rows a worker is writing right now: the next sweep sees them);
+    2. judge each outside any transaction (``opsrun_is_alive`` may ask a broker);
+    3. finish the dead ones with the guarded UPDATE, which re-checks staleness itself, then tell
+       the observers once that has committed.
+    """
     sql = ledger._sql
-    counts = {"total": 0, "processed": 0, "failed": 0, "reconciled": 0, "alive": 0}
-    queued_limit = min(
-        (spec.queued_timeout for spec in ledger.catalog),
-        default=timedelta(hours=1),
-    )
+    counts = {"total": 0, "processed": 0, "failed": 0, "reconciled": 0, "alive": 0, "changed": 0}
+    queued_limit = min([DEFAULT_QUEUED_LIMIT, *(spec.queued_timeout for spec in ledger.catalog)])
     after = 0
     while True:
         with ledger._connection("reconcile", None, transaction=True) as conn:
@@ -149,46 +159,53 @@ def _sweep(
                 "batch_size": batch_size,
             }
             rows = conn.execute(sql.reconcile_candidates, params).mappings().all()
-            for row in rows:
-                run = Run.from_row(row)
-                after = run.id
-                entry = _verdict(ledger, run, now, grace)
-                if entry is None:
-                    continue  # a queued run inside its own (longer) limit
-                counts["total"] += 1
-                try:
-                    alive = ledger.pm.hook.opsrun_is_alive(run=run)
-                except Exception as exc:
-                    counts["processed"] += 1
-                    counts["failed"] += 1
-                    log.warning(
-                        "reconcile could not judge run %s: %s", run.id, sanitize_message(exc)
-                    )
-                    continue
-                if alive is True:
-                    counts["alive"] += 1
-                    continue
-                finished = (
-                    conn.execute(
-                        sql.reconcile_finish,
-                        {
-                            "id": run.id,
-                            "now": now,
-                            "stale_before": params["stale_before"],
-                            "queued_before": now - ledger.catalog.spec(run.type).queued_timeout,
-                            "summary_counts": dict(_ZERO_COUNTS),
-                            "failure_summary": [entry],
-                        },
-                    )
-                    .mappings()
-                    .first()
-                )
+        dead: list[tuple[Run, dict[str, str]]] = []
+        for row in rows:
+            run = Run.from_row(row)
+            after = run.id
+            entry = _verdict(ledger, run, now)
+            if entry is None:
+                continue  # a queued run inside its own (longer) limit
+            counts["total"] += 1
+            try:
+                alive = ledger.pm.hook.opsrun_is_alive(run=run)
+            except Exception as exc:
                 counts["processed"] += 1
-                if finished is None:
-                    counts["failed"] += 1  # it changed under us (only possible on SQLite)
-                else:
-                    counts["reconciled"] += 1
-                    ledger.pm.hook.opsrun_run_finished(run=Run.from_row(finished))
+                counts["failed"] += 1
+                log.warning("reconcile could not judge run %s: %s", run.id, sanitize_message(exc))
+                continue
+            if alive is True:
+                counts["alive"] += 1
+            else:
+                dead.append((run, entry))
+        finished_runs: list[Run] = []
+        if dead:
+            with ledger._connection("reconcile", None, transaction=True) as conn:
+                for run, entry in dead:
+                    finished = (
+                        conn.execute(
+                            sql.reconcile_finish,
+                            {
+                                "id": run.id,
+                                "now": now,
+                                "stale_before": params["stale_before"],
+                                "queued_before": now - ledger.catalog.spec(run.type).queued_timeout,
+                                "summary_counts": dict(_ZERO_COUNTS),
+                                "failure_summary": [entry],
+                            },
+                        )
+                        .mappings()
+                        .first()
+                    )
+                    counts["processed"] += 1
+                    if finished is None:
+                        # a worker heartbeated, finished or took it over meanwhile: not stale
+                        counts["changed"] += 1
+                    else:
+                        counts["reconciled"] += 1
+                        finished_runs.append(Run.from_row(finished))
+        for finished_run in finished_runs:  # committed: now the observers may hear of it
+            ledger.pm.hook.opsrun_run_finished(run=finished_run)
         if on_batch is not None:
             on_batch(len(rows))
         if len(rows) < batch_size:
@@ -196,7 +213,7 @@ def _sweep(
         ledger.heartbeat(attempt)
 
 
-def _verdict(ledger: Ledger, run: Run, now: datetime, grace: timedelta) -> dict[str, str] | None:
+def _verdict(ledger: Ledger, run: Run, now: datetime) -> dict[str, str] | None:
     if run.status is RunStatus.RUNNING:
         expired = run.lease_expires_at
         when = expired.isoformat(timespec="seconds") if expired else "unknown"
@@ -206,12 +223,19 @@ def _verdict(ledger: Ledger, run: Run, now: datetime, grace: timedelta) -> dict[
             "the worker stopped without finishing (finished by reconcile)",
         }
     limit = ledger.catalog.spec(run.type).queued_timeout
-    if run.created_at > now - limit:
+    # a released run waits for its retry since it was queued again (updated_at), not since created
+    if run.updated_at > now - limit:
         return None
+    if run.started_at is None:
+        what = f"queued since {run.created_at.isoformat(timespec='seconds')} and never started"
+    else:
+        what = (
+            f"queued again for a retry since {run.updated_at.isoformat(timespec='seconds')} "
+            f"after {run.attempts} attempt(s) and not started again"
+        )
     return {
         "code": NEVER_STARTED,
-        "message": f"queued since {run.created_at.isoformat(timespec='seconds')} and never started "
-        f"within {_human(limit)} (finished by reconcile)",
+        "message": f"{what} within {_human(limit)} (finished by reconcile)",
     }
 
 

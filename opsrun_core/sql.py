@@ -154,7 +154,7 @@ _RECONCILE_CANDIDATES = f"""
 SELECT {_COLS} FROM operation_runs
 WHERE workspace_id = :workspace_id AND {_ACTIVE} AND id > :after AND id <> :own_id
   AND ((status = 'running' AND lease_expires_at <= :stale_before)
-       OR (status = 'queued' AND created_at <= :queued_before))
+       OR (status = 'queued' AND updated_at <= :queued_before))
 ORDER BY id
 LIMIT :batch_size{{lock}}
 """
@@ -167,7 +167,7 @@ UPDATE operation_runs SET status = 'completed', outcome = 'failed',
     completed_at = :now, updated_at = :now, lease_token = NULL, lease_expires_at = NULL
 WHERE id = :id
   AND ((status = 'running' AND lease_expires_at <= :stale_before)
-       OR (status = 'queued' AND created_at <= :queued_before))
+       OR (status = 'queued' AND updated_at <= :queued_before))
 RETURNING {_COLS}
 """
 

@@ -492,7 +492,7 @@ def bind_operation(
     *,
     name: str | None = None,
     max_retries: int = 3,
-    retry_on: type[BaseException] | Iterable[type[BaseException]] = (Exception,),
+    retry_on: type[BaseException] | Iterable[type[BaseException]] | None = None,
     countdown: Countdown = 10.0,
     acks_late: bool = True,
     heartbeat_every: float | None = None,
@@ -510,6 +510,7 @@ def bind_operation(
         ``max_retries + 1`` attempts, counted by its ``attempts`` in the ledger, so a takeover
         after a worker crash counts as one.
     :param retry_on: exception classes worth a retry; any other exception fails the run at once.
+        Default: the operation's own ``retry_on`` (``@ledger.operation(..., retry_on=...)``).
     :param countdown: seconds before a retry, or a callable taking the number of the attempt that
         failed (1 for the first) and returning them, e.g. ``lambda n: min(300, 5 * 2 ** n)``.
         Keep it below the broker's ``visibility_timeout`` (Redis, SQS), which would otherwise
@@ -535,6 +536,8 @@ def bind_operation(
         raise InvalidInput("bind_operation takes an Operation made by @ledger.operation(...)")
     if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
         raise InvalidInput("max_retries must be a non-negative int")
+    if retry_on is None:
+        retry_on = operation.retry_on
     retry_types = (retry_on,) if isinstance(retry_on, type) else tuple(retry_on)
     if not all(isinstance(t, type) and issubclass(t, BaseException) for t in retry_types):
         raise InvalidInput("retry_on takes exception classes, e.g. (TimeoutError, ConnectionError)")

@@ -158,7 +158,7 @@ def test_a_job_that_lost_its_lease_stops_without_writing(
     opsrun_ledger: Ledger, opsrun_clock
 ) -> None:
     @opsrun_ledger.operation("slow.job", identity=("n",), lease=timedelta(minutes=1))
-    def slow(ctx, *, workspace_id, tenant_id, n):
+    def slow(ctx, *, workspace_id, n):  # a workspace job: no tenant_id reaches it
         opsrun_clock.advance(timedelta(minutes=2))
         takeover = opsrun_ledger.claim(ctx.run.id)  # another worker takes the expired lease
         assert takeover.acquired
@@ -172,7 +172,7 @@ def test_a_job_that_lost_its_lease_stops_without_writing(
 
 def test_an_error_outside_retry_on_fails_at_once(opsrun_ledger: Ledger) -> None:
     @opsrun_ledger.operation("picky.job", identity=("n",), retry_on=(Throttled,))
-    def picky(ctx, *, workspace_id, tenant_id, n):
+    def picky(ctx, *, workspace_id, n):
         raise (Throttled("later") if n == 1 else KeyError("permanent"))
 
     released = picky.run_now(workspace_id="w1", n=1, retries_left=3, reraise=False)
@@ -181,3 +181,28 @@ def test_an_error_outside_retry_on_fails_at_once(opsrun_ledger: Ledger) -> None:
     assert failed.status == "failed" and failed.run.outcome is Outcome.FAILED
     with pytest.raises(InvalidInput):
         opsrun_ledger.operation("x.y", retry_on=[KeyError])(lambda ctx: None)
+
+
+def test_inconsistent_counts_fail_the_run_instead_of_leaving_it_claimed(
+    opsrun_ledger: Ledger,
+) -> None:
+    @opsrun_ledger.operation("bad.counts", identity=("n",))
+    def bad(ctx, *, workspace_id, n):
+        ctx.set_counts(total=1)
+        ctx.count(processed=3)  # more processed than total
+
+    out = bad.run_now(workspace_id="w1", n=1, reraise=False)
+    assert out.status == "failed" and isinstance(out.error, InvalidInput)
+    assert out.run.status is RunStatus.COMPLETED and out.run.outcome is Outcome.FAILED
+    assert out.run.failure_summary[0]["code"] == "bad.counts.failed"
+
+
+def test_an_initiator_that_holds_a_credential_is_refused(opsrun_ledger: Ledger) -> None:
+    with pytest.raises(InvalidInput, match="initiator"):
+        opsrun_ledger.ensure_run(
+            "x.y", workspace_id="w1", initiator="Bearer eyJhbGciOiJIUzI1NiJ9.e30.c2ln"
+        )
+    assert (
+        opsrun_ledger.ensure_run("x.y", workspace_id="w1", initiator="user:42").run.initiator
+        == "user:42"
+    )

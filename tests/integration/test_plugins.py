@@ -286,3 +286,22 @@ def test_every_hook_is_documented_with_its_signature() -> None:
     for hook in HOOKS:
         signature = f"{hook}{inspect.signature(getattr(specs_module, hook))}"
         assert signature.replace("'", "") in doc, f"docs/hooks.md lacks `{signature}`"
+
+
+def test_a_raising_fail_plugin_cannot_keep_a_failure_from_being_recorded(
+    opsrun_ledger: Ledger,
+) -> None:
+    class Broken:
+        @hookimpl
+        def opsrun_fail(self, spec, run, error):
+            raise KeyError("plugin bug")
+
+    plugin = Broken()
+    opsrun_ledger.pm.register(plugin)
+    try:
+        run = opsrun_ledger.ensure_run(FETCH, workspace_id="w1", identity={}).run
+        failed = opsrun_ledger.fail(opsrun_ledger.claim(run.id), RuntimeError("boom"))
+    finally:
+        opsrun_ledger.pm.unregister(plugin)
+    assert failed.outcome is Outcome.FAILED
+    assert failed.failure_summary == [{"code": f"{FETCH}.failed", "message": "RuntimeError"}]

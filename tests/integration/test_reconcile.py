@@ -152,11 +152,14 @@ def test_a_failing_sweep_ends_the_reconcile_run_failed_without_secrets(
     [entry] = run.failure_summary
     assert entry["code"] == "ops.reconcile_adapter_runs.failed"
     assert "hunter2secret" not in entry["message"] and "RuntimeError" in entry["message"]
-    # the hook that only judged a candidate badly is counted, not fatal
+    # the observer heard only of the committed finish: the stale run is finished all the same
+    assert ledger.runs(type=FETCH)[0].failure_summary[0]["code"] == NEVER_STARTED
+    # a hook that only judged a candidate badly is counted, not fatal
+    _dispatch(ledger, "p2")
     broken = Broken()
     ledger.pm.register(broken)
     try:
-        opsrun_clock.advance(timedelta(seconds=1))
+        opsrun_clock.advance(QUEUED_LIMIT + timedelta(seconds=1))
         counted = ledger.reconcile("w1")
     finally:
         ledger.pm.unregister(broken)
@@ -222,3 +225,40 @@ def test_concurrent_reconciles_in_threads_do_the_work_once(ledger: Ledger, opsru
     assert sum(r.summary_counts["processed"] for r in tracked) == 5
     assert sum(r.summary_counts["reconciled"] for r in tracked) == 5
     assert all(ledger.get(i).outcome is Outcome.FAILED for i in stale)
+
+
+def test_a_released_run_waits_from_its_release_not_its_creation(
+    ledger: Ledger, opsrun_clock
+) -> None:
+    run_id = _dispatch(ledger, "p1")
+    opsrun_clock.advance(QUEUED_LIMIT - timedelta(minutes=1))
+    ledger.release(ledger.claim(run_id))  # attempt 1 gave it back for a retry
+    opsrun_clock.advance(timedelta(minutes=2))  # past the limit since creation, not since release
+    ledger.reconcile("w1")
+    assert ledger.get(run_id).status is RunStatus.QUEUED
+    opsrun_clock.advance(QUEUED_LIMIT)
+    ledger.reconcile("w1")
+    [entry] = ledger.get(run_id).failure_summary
+    assert entry["code"] == NEVER_STARTED and "queued again for a retry" in entry["message"]
+
+
+def test_reconcile_all_goes_on_past_a_failing_workspace(ledger: Ledger, opsrun_clock) -> None:
+    a = _dispatch(ledger, "p1", workspace="w1")
+    b = _dispatch(ledger, "p1", workspace="w2")
+
+    class BrokenForW1:
+        @hookimpl
+        def opsrun_run_finished(self, run):
+            if run.workspace_id == "w1" and run.type == FETCH:
+                raise RuntimeError("observer down")
+
+    plugin = BrokenForW1()
+    ledger.pm.register(plugin)
+    try:
+        opsrun_clock.advance(QUEUED_LIMIT + timedelta(seconds=1))
+        runs = ledger.reconcile_all()
+    finally:
+        ledger.pm.unregister(plugin)
+    outcomes = {r.workspace_id: r.outcome for r in runs}
+    assert outcomes == {"w1": Outcome.FAILED, "w2": Outcome.SUCCEEDED}
+    assert ledger.get(b).outcome is Outcome.FAILED and ledger.get(a).outcome is Outcome.FAILED
