@@ -59,6 +59,7 @@ __all__ = [
     "fingerprint",
     "identity_digest",
     "is_secret_key",
+    "normalise_plain",
     "normalize_key_name",
 ]
 
@@ -280,6 +281,17 @@ def _child_path(path: str, key: str) -> str:
     return f"{path}[{shown!r}]"
 
 
+def normalise_plain(value: Mapping[Any, object], path: str) -> dict[str, JSONValue]:
+    """Validate and normalise a mapping of plain data by the fingerprint's rules (no secret-named
+    keys, no NaN, NUL or non-plain values); the ledger uses it for ``context`` too.
+
+    :raises FingerprintError: naming the key path, never the value.
+    """
+    if not isinstance(value, Mapping):
+        raise FingerprintError(f"{path} must be a mapping of names to plain values")
+    return _normalise_mapping(value, path, 1)
+
+
 def _normalise_mapping(value: Mapping[Any, object], path: str, depth: int) -> dict[str, JSONValue]:
     _check_depth(path, depth)
     result: dict[str, JSONValue] = {}
@@ -294,8 +306,8 @@ def _normalise_mapping(value: Mapping[Any, object], path: str, depth: int) -> di
         _check_text(key, child)
         if is_secret_key(key):
             raise FingerprintError(
-                f"{child}: the key names a secret, and identity inputs are stored in the ledger; "
-                "leave the secret out of the identity (pass a non-secret reference such as an id)"
+                f"{child}: the key names a secret, and this data is stored in the ledger; "
+                "leave the secret out (pass a non-secret reference such as an id)"
             )
         if key in result:
             raise FingerprintError(f"{child}: the key appears twice; make the keys unique")

@@ -529,7 +529,8 @@ class Ledger:
     def _finish(
         self, attempt: Attempt, counts: dict[str, int], *, error: BaseException | None
     ) -> Run:
-        token, _ = self._held(attempt, "finish")
+        what = "complete" if error is None else "fail"
+        token, _ = self._held(attempt, what)
         assert attempt.run is not None
         run = attempt.run
         spec = self.catalog.spec(run.type)
@@ -577,7 +578,7 @@ class Ledger:
         with self._connection("complete", None) as conn:
             row = conn.execute(self._sql.finish, values).mappings().first()
         if row is None:
-            raise self._lost(attempt, "complete")
+            raise self._lost(attempt, what)
         attempt.token = None
         attempt.run = Run.from_row(row)
         self.pm.hook.opsrun_run_finished(run=attempt.run)
@@ -886,33 +887,21 @@ def _failure_summary(failures: Sequence[FailureEntry]) -> list[dict[str, str]]:
 
 
 def _sanitize_context(context: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """Context is host data for display; refuse secret-named keys like the fingerprint does."""
+    """Context is host data for display: plain data by the fingerprint's rules (so no
+    secret-named key), and every string sanitized on top."""
     if context is None:
         return None
-    from .fingerprint import is_secret_key
+    from .fingerprint import normalise_plain
 
-    def walk(value: Any, path: str) -> Any:
-        if isinstance(value, Mapping):
-            out = {}
-            for key, item in value.items():
-                if not isinstance(key, str):
-                    raise InvalidInput(f"context key at {path} must be a string")
-                if is_secret_key(key):
-                    raise InvalidInput(
-                        f"context key {path}.{key} names a secret; never pass secrets to the ledger"
-                    )
-                out[key] = walk(item, f"{path}.{key}")
-            return out
-        if isinstance(value, (list, tuple)):
-            return [walk(item, path) for item in value]
-        if value is None or isinstance(value, (bool, int, float)):
-            return value
-        if isinstance(value, str):
-            return sanitize_message(value, max_length=2000) if value else value
-        raise InvalidInput(
-            f"context value at {path} must be plain JSON data, not {type(value).__name__}"
-        )
+    def clean(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {key: clean(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [clean(item) for item in value]
+        if isinstance(value, str) and value:
+            return sanitize_message(value, max_length=2000)
+        return value
 
-    result = walk(context, "context")
+    result = clean(normalise_plain(context, "context"))
     assert isinstance(result, dict)
     return result

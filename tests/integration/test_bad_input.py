@@ -232,10 +232,11 @@ MALFORMED_IDENTITIES = [
 BAD_CONTEXTS = [
     (["a"], "context must be a mapping"),
     ({"access_token": "x"}, "names a secret"),
-    ({"nested": {"password": "x"}}, "context.nested.password names a secret"),
-    ({"when": datetime(2026, 1, 1)}, "plain JSON data"),
-    ({"raw": b"bytes"}, "plain JSON data"),
-    ({1: "x"}, "must be a string"),
+    ({"nested": {"password": "x"}}, "context.nested.password: the key names a secret"),
+    ({"when": datetime(2026, 1, 1)}, "context.when: a naive datetime"),
+    ({"raw": b"bytes"}, "context.raw: a bytes is not plain data"),
+    ({1: "x"}, "keys must be strings"),
+    ({"ratio": float("nan")}, "context.ratio: NaN"),
 ]
 
 
