@@ -70,13 +70,12 @@ def test_a_plugin_distribution_is_found_through_the_entry_point_group(
     assert get_plugin_manager().get_plugin("example") is None
 
 
-def test_the_block_list_removes_a_built_in(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_block_list_removes_a_built_in(monkeypatch: pytest.MonkeyPatch, opsrun_engine) -> None:
     monkeypatch.setenv("OPSRUN_DISABLE_PLUGINS", " dedupe ,nothing")
     pm = get_plugin_manager()
     assert pm.get_plugin("dedupe") is None and pm.get_plugin("tracking") is not None
     assert not pm.hook.opsrun_claim.get_hookimpls()
-    ledger = Ledger("sqlite://", plugin_manager=pm)
-    ledger.upgrade()
+    ledger = Ledger(opsrun_engine, plugin_manager=pm)
     with pytest.raises(PluginError, match="dedupe"):
         ledger.ensure_run(FETCH, workspace_id="w1", identity={})
 

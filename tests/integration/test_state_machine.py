@@ -84,6 +84,8 @@ class ModelRun:
     id: int
     key: tuple[str, str, str]
     created_at: datetime
+    #: when it last became queued: created, or released for a retry (reconcile measures from it)
+    queued_since: datetime | None = None
     status: str = "queued"
     outcome: str = "pending"
     attempts: int = 0
@@ -254,6 +256,7 @@ def _machine(engine: Engine) -> type[RuleBasedStateMachine]:
                 m.lease_expires_at = now + LEASE
             elif action == "release":
                 m.status, m.holder, m.lease_expires_at = "queued", None, None
+                m.queued_since = now
             else:
                 processed, failed, total = counts if action == "complete" else (0, 0, 0)
                 m.status = "completed"
@@ -301,7 +304,9 @@ def _machine(engine: Engine) -> type[RuleBasedStateMachine]:
                     and m.lease_expires_at <= now - DEFAULT_GRACE
                 ):
                     stale.append((m, LEASE_EXPIRED))
-                elif m.status == "queued" and m.created_at <= now - QUEUED_LIMIT:
+                elif (
+                    m.status == "queued" and (m.queued_since or m.created_at) <= now - QUEUED_LIMIT
+                ):
                     stale.append((m, NEVER_STARTED))
             report = ledger.reconcile_report(workspace)
             event(f"reconcile: {min(len(stale), 2)}+ stale runs finished")
