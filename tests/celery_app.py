@@ -405,20 +405,6 @@ def race_dispatch(settings: Settings, n: int, item: str) -> list[tuple[str, int,
     ]
     for proc in procs:
         proc.start()
-    out: dict[int, Any] = {}
-    errors: list[str] = []
-    try:
-        for _ in range(n):
-            i, ok, value = results.get(timeout=WAIT_S * 2)
-            if ok:
-                out[i] = value
-            else:
-                errors.append(f"process {i}:\n{value}")
-    finally:
-        for proc in procs:
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.kill()
-    if errors:
-        raise AssertionError("a dispatching process failed:\n" + "\n".join(errors))
-    return [out[i] for i in range(n)]
+    from tests.workers import collect
+
+    return collect(procs, results, timeout=WAIT_S * 2, what="dispatching")

@@ -35,11 +35,17 @@ def race(target: Callable[..., Any], n: int, *args: Any) -> list[Any]:
     procs = [ctx.Process(target=_entry, args=(target, barrier, queue, i, args)) for i in range(n)]
     for proc in procs:
         proc.start()
+    return collect(procs, queue, timeout=RACE_TIMEOUT_S, what="racing")
+
+
+def collect(procs: list[Any], queue: Any, *, timeout: float, what: str) -> list[Any]:
+    """Gather ``(index, ok, value)`` from each started process, join them (killing stragglers) and
+    re-raise any child's failure; results come back in index order."""
     results: dict[int, Any] = {}
     errors = []
     try:
-        for _ in range(n):
-            index, ok, value = queue.get(timeout=RACE_TIMEOUT_S)
+        for _ in procs:
+            index, ok, value = queue.get(timeout=timeout)
             if ok:
                 results[index] = value
             else:
@@ -50,8 +56,8 @@ def race(target: Callable[..., Any], n: int, *args: Any) -> list[Any]:
             if proc.is_alive():
                 proc.kill()
     if errors:
-        raise AssertionError("a racing process failed:\n" + "\n".join(errors))
-    return [results[i] for i in range(n)]
+        raise AssertionError(f"a {what} process failed:\n" + "\n".join(errors))
+    return [results[i] for i in range(len(procs))]
 
 
 # -- targets -------------------------------------------------------------------------------------
