@@ -27,14 +27,11 @@ from sqlalchemy import column as sql_column
 from sqlalchemy import table as sql_table
 from sqlalchemy.sql.expression import ColumnClause
 
-from opsrun_core import sanitize_message
 from opsrun_core.db import make_engine
 
 pytestmark = [pytest.mark.opsrun_backends("postgres"), pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-REDIS_URL = os.environ.get("OPSRUN_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-REQUIRE_REDIS = os.environ.get("OPSRUN_REQUIRE_REDIS", "").strip().lower() in ("1", "true", "yes")
 #: the demo gives up on its workers after this long ...
 DEMO_TIMEOUT_S = 60
 #: ... and a demo that has not exited some time after that is a failed test, not a hung suite
@@ -42,42 +39,6 @@ TIMEOUT_S = DEMO_TIMEOUT_S + 30
 ASSIGNMENT_TYPES = ("assignments.fetch", "assignments.restore")
 #: what the fake directory's secrets look like: its tokens are JWTs, its client secret ``cs~...``
 SECRET_MARKERS = ("eyJhbGci", "cs~", "Bearer ey")
-
-
-def _unavailable(reason: str) -> None:
-    message = f"{reason} (OPSRUN_REQUIRE_REDIS=1 makes this a failure)"
-    if REQUIRE_REDIS:
-        pytest.fail(f"the reference app's Celery tests are required, but {message}", pytrace=False)
-    pytest.skip(message)
-
-
-@pytest.fixture(scope="module")
-def celery_installed() -> None:
-    """Skip (or fail, when required) without celery and its Redis client."""
-    try:
-        import celery  # type: ignore[import-untyped]  # noqa: F401
-        import redis  # noqa: F401
-    except ImportError:
-        _unavailable("celery is not installed: pip install 'opsrun[celery]' to run these tests")
-
-
-@pytest.fixture(scope="module")
-def redis_url(celery_installed: None) -> str:
-    """The broker's URL, once Redis answers; skip (or fail, when required) otherwise."""
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2, socket_timeout=2)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        _unavailable(
-            f"no Redis answers at {sanitize_message(REDIS_URL)} ({type(exc).__name__}) for the "
-            "reference app's Celery demo: start one (redis-server) or point OPSRUN_TEST_REDIS_URL "
-            "at one"
-        )
-    finally:
-        client.close()
-    return REDIS_URL
 
 
 def run_demo(*args: str, broker_url: str) -> subprocess.CompletedProcess[str]:

@@ -10,7 +10,6 @@ Every wait is bounded (:data:`tests.celery_app.WAIT_S`); the tests assert outcom
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -24,45 +23,12 @@ from opsrun_core import (
     Outcome,
     Run,
     RunStatus,
-    sanitize_message,
 )
 from tests.celery_app import Harness, Settings, Worker, build, race_dispatch, wait_until
 
 pytestmark = [pytest.mark.opsrun_backends("postgres"), pytest.mark.slow]
 
-REDIS_URL = os.environ.get("OPSRUN_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-REQUIRE_REDIS = os.environ.get("OPSRUN_REQUIRE_REDIS", "").strip().lower() in ("1", "true", "yes")
 N_DISPATCHERS = 6
-
-
-def _unavailable(reason: str) -> None:
-    message = f"{reason} (OPSRUN_REQUIRE_REDIS=1 makes this a failure)"
-    if REQUIRE_REDIS:
-        pytest.fail(f"the Celery tests are required, but {message}", pytrace=False)
-    pytest.skip(message)
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> str:
-    """The broker's URL, once Redis answers; skip (or fail, when required) otherwise."""
-    try:
-        import celery  # noqa: F401
-        import redis
-    except ImportError:
-        _unavailable(
-            "celery is not installed: pip install 'opsrun[celery]' to run the Celery tests"
-        )
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2, socket_timeout=2)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        _unavailable(
-            f"no Redis answers at {sanitize_message(REDIS_URL)} ({type(exc).__name__}) for the Celery tests: start "
-            "one (redis-server) or point OPSRUN_TEST_REDIS_URL at one"
-        )
-    finally:
-        client.close()
-    return REDIS_URL
 
 
 class CeleryTest:
